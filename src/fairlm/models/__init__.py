@@ -1,0 +1,56 @@
+"""Model registry: a third architecture is one module with `build(config, vocab_size)` and one
+config section of the same name.
+
+Every model maps token ids ``[B, N]`` (int64) to logits ``[B, N, V]`` and is causal: the logit
+at position i depends on tokens 0..i only.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+# name -> module path; imported lazily so that a model's heavy imports cost only its users
+REGISTRY: dict[str, str] = {
+    "resnet_bk": "fairlm.models.resnet_bk",
+    "mamba": "fairlm.models.mamba",
+}
+
+
+def model_names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def build_model(name: str, config: dict, vocab_size: int) -> nn.Module:
+    """Build model `name` from the resolved config (shared `model` section plus its own)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
+    module = importlib.import_module(REGISTRY[name])
+    return module.build(config, vocab_size)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total and non-embedding parameter counts (tied weights counted once).
+
+    Embedding parameters are those of every ``nn.Embedding`` (token and, where present,
+    position embeddings); a tied LM head shares the token embedding and adds nothing.
+    """
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    embedding = 0
+    counted: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and id(module.weight) not in counted:
+            counted.add(id(module.weight))
+            embedding += module.weight.numel()
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def kernel_description(model: nn.Module) -> str:
+    """Which compute kernels the model runs (recorded in system.json)."""
+    return str(getattr(model, "kernel_description", lambda: "torch (eager)")())

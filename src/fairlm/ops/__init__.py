@@ -1,0 +1,1 @@
+"""Compute kernels kept apart from the modules that use them (as in mamba-ssm)."""
