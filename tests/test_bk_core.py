@@ -125,3 +125,12 @@ def test_stable_at_131072_in_float32(name):
     prefix = 4096
     oracle = green_diagonal_reference_loop(v.detach()[:prefix].double(), 1j * z_imag)
     assert (green[:prefix].to(torch.complex128) - oracle).abs().max().item() < 1e-5
+
+
+def test_non_finite_potential_surfaces_instead_of_being_masked():
+    v = torch.zeros(300)
+    v[100] = float("nan")
+    green = green_diagonal(v)
+    assert torch.isfinite(torch.view_as_real(green[:100])).all()  # the past is untouched
+    assert torch.isnan(green[100:]).all()  # no NaN -> 0 filter hides it
+    assert torch.isnan(green_diagonal(v, causal=False)).all()

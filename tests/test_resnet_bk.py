@@ -58,6 +58,13 @@ def test_position_embedding_switch():
     )
     assert model.position_embedding.num_embeddings == 64
     assert model(token_ids(n=64)).shape == (2, 64, VOCAB)
+    with pytest.raises(ValueError):
+        model(token_ids(n=65))
+    # a run's own config names only its seq_len
+    run_model = build_model(
+        "resnet_bk", {**config(position_embedding=True), "run": {"seq_len": 32}}, VOCAB
+    )
+    assert run_model.position_embedding.num_embeddings == 32
 
 
 def test_router_potential_and_scale_get_gradients():

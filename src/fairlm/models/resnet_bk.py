@@ -154,9 +154,12 @@ def build(config: dict, vocab_size: int) -> ResNetBK:
     model_cfg = config.get("model") or {}
     max_positions = None
     if settings["position_embedding"]:
-        # enough positions for every length the config trains or benchmarks
-        lengths = list((config.get("grid") or {}).get("seq_lens") or [])
+        # enough positions for every length the config trains (a run's config names only its
+        # own seq_len; the full config names the grid and the benchmark)
+        lengths = [(config.get("run") or {}).get("seq_len")]
+        lengths += list((config.get("grid") or {}).get("seq_lens") or [])
         lengths += list((config.get("bench") or {}).get("seq_lens") or [])
+        lengths = [int(n) for n in lengths if n]
         max_positions = max(lengths) if lengths else 131072
     return ResNetBK(
         vocab_size,
