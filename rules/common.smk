@@ -42,6 +42,18 @@ def figure_paths():
     return figures
 
 
+def figure_captions():
+    """{label: (path, caption)}: one caption per figure kind, shared by the report and paper."""
+    captions = {}
+    for label, path in figure_paths().items():
+        kind = label.split("_")[0]
+        text = " ".join(open(workflow.source_path(f"../report/{kind}.rst")).read().split())
+        if kind == "loss":
+            text = f"Sequence length {int(label[len('loss_L'):]):,} tokens. " + text
+        captions[label] = (path, text)
+    return captions
+
+
 def latex_engine():
     return shutil.which("latexmk") or shutil.which("pdflatex")
 

@@ -26,7 +26,7 @@ rule appendix:
         "logs/appendix.log",
     params:
         run_dirs=run_dirs(),
-        figures=figure_paths(),
+        figures=figure_captions(),
         allow_failed_checks=config["analysis"]["allow_failed_checks"],
         alpha=config["analysis"]["alpha"],
         command=shlex.join(["snakemake", *sys.argv[1:]]),

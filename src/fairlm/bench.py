@@ -95,7 +95,7 @@ def run_scaling_benchmark(
     """Run every measurement of `plan(config)`; one row each (see the module docstring).
 
     isolate: a fresh subprocess per row (default: on CPU only). vocab_size: the LM head of the
-    model rows (default config["data"]["vocab_size"], else 8192). After an OOM, the longer
+    model rows (default bench.vocab_size, else data.vocab_size). After an OOM, the longer
     lengths of that model are recorded as OOM without being run.
     """
     import pandas as pd
@@ -104,7 +104,7 @@ def run_scaling_benchmark(
     if isolate is None:
         isolate = device == "cpu"
     if vocab_size is None:
-        vocab_size = int((config.get("data") or {}).get("vocab_size", 8192))
+        vocab_size = int(config["bench"].get("vocab_size") or config["data"]["vocab_size"])
     rows = []
     out_of_memory_at: dict[str, int] = {}
     for spec in plan(config):
