@@ -21,16 +21,16 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
+
+from fairlm.memory import current_rss_mb, is_oom, peak_memory_mb
+from fairlm.stats import loglog_slope
 
 if TYPE_CHECKING:  # pandas is imported where used: each subprocess worker starts faster
     import pandas as pd
@@ -157,11 +157,11 @@ def measure(spec: dict, config: dict, device: str, vocab_size: int) -> dict:
                 torch.cuda.synchronize()
             if i > 0:  # the first pass is the warm-up
                 times.append(time.perf_counter() - start)
-        peak = _peak_memory_mb(device) - baseline
+        peak = peak_memory_mb(device) - baseline
         return {"status": "ok", "seconds": statistics.median(times),
                 "peak_mem_mb": max(peak, 0.0), "note": note}
     except Exception as error:  # a failed measurement is a result, not a crash
-        status = "oom" if _is_oom(error) else "error"
+        status = "oom" if is_oom(error) else "error"
         return {"status": status, "note": f"{type(error).__name__}: {str(error)[:300]}"}
     finally:
         del step
@@ -230,29 +230,7 @@ def _memory_before(device: str) -> float:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
-    return _current_rss_mb()
-
-
-def _peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _current_rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as handle:
-            resident_pages = int(handle.read().split()[1])
-        return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:  # not Linux: the high-water mark so far is the best baseline there is
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _is_oom(error: BaseException) -> bool:
-    if isinstance(error, MemoryError | torch.OutOfMemoryError):
-        return True
-    text = str(error).lower()
-    return "out of memory" in text or "can't allocate memory" in text
+    return current_rss_mb()
 
 
 def _measure_in_subprocess(spec, config, device, vocab_size, timeout_s) -> dict:
@@ -292,12 +270,9 @@ def _worker() -> None:
 
 
 def log_log_slope(seq_lens, values) -> float | None:
-    """Least-squares slope of log(value) on log(seq_len); None with fewer than two points."""
-    x = np.log(np.asarray(seq_lens, dtype=float))
-    y = np.log(np.asarray(values, dtype=float))
-    if len(x) < 2 or np.ptp(x) == 0:
-        return None
-    return float(np.polyfit(x, y, 1)[0])
+    """The scaling exponent (fairlm.stats.loglog_slope); None, not NaN, for the JSON summary."""
+    slope = loglog_slope(seq_lens, values)
+    return None if math.isnan(slope) else slope
 
 
 def summarise_scaling(

@@ -6,8 +6,6 @@ missing (an annotation says so) rather than raising: an all-diverged cell is a r
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +15,9 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from fairlm.io import atomic_path  # noqa: E402
+from fairlm.stats import loglog_slope as loglog_fit  # noqa: E402
 
 DPI = 300
 # A log y-axis only helps when the curve spans more than an order of magnitude.
@@ -40,19 +41,12 @@ def _colours(models: list[str]) -> dict[str, str]:
 
 
 def _save(fig, out_png: str | Path) -> Path:
-    path = Path(out_png)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches=None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI, bbox_inches=None)
     finally:
         plt.close(fig)
-    return path
+    return Path(out_png)
 
 
 def _no_data(ax, text: str) -> None:
@@ -192,10 +186,7 @@ def loglog_slope(seq_len: np.ndarray, values: np.ndarray) -> tuple[float, str]:
         seq_len, values, where = seq_len[long], values[long], f"N ≥ {SLOPE_MIN_SEQ_LEN}"
     else:
         where = "all N"
-    if len(np.unique(seq_len)) < 2:
-        return np.nan, where
-    slope = np.polyfit(np.log(seq_len), np.log(values), 1)[0]
-    return float(slope), where
+    return loglog_fit(seq_len, values), where
 
 
 def plot_scaling(scaling_df: pd.DataFrame, out_png: str | Path) -> Path:

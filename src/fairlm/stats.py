@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
+
+from fairlm.io import atomic_path
 
 COMPLETED, DIVERGED, OOM = "COMPLETED", "DIVERGED", "OOM"
 RUN_KEYS = ["model", "seq_len", "seed"]
@@ -450,17 +450,9 @@ def compare(
 
 def _atomic_write(path: str | Path, write) -> Path:
     """Call write(tmp_path), then move it over path, so readers never see a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def write_tables(
@@ -483,3 +475,16 @@ def write_tables(
         "tests": _atomic_write(out_tests_csv, lambda p: tests.to_csv(p, index=False)),
         "curves": _atomic_write(out_curves_parquet, lambda p: curves.to_parquet(p, index=False)),
     }
+
+
+def loglog_slope(x, y) -> float:
+    """Least-squares slope of log(y) on log(x) over the finite positive points.
+
+    NaN with fewer than two distinct x: a scaling exponent (1 for O(N), 2 for O(N^2)).
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    x, y = x[keep], y[keep]
+    if len(np.unique(x)) < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import resource
 import signal
 import statistics
 import time
@@ -25,6 +24,7 @@ from fairlm import checkpoint
 from fairlm.config import shared_settings
 from fairlm.data import DataError, batch_starts, load_verified, windows
 from fairlm.io import atomic_path, sha256_bytes, sha256_json, write_json
+from fairlm.memory import is_oom, peak_memory_mb
 from fairlm.models import build_model, kernel_description, parameter_counts
 from fairlm.provenance import system_info
 
@@ -155,21 +155,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def is_oom(error: BaseException) -> bool:
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

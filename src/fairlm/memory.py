@@ -1,0 +1,34 @@
+"""Memory facts shared by training and the benchmark: peaks, the current RSS, and OOM errors."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import torch
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak since the last reset on CUDA; the process's high-water mark (RSS) on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as handle:
+            resident_pages = int(handle.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: the high-water mark so far is the best baseline there is
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def is_oom(error: BaseException) -> bool:
+    """Out of memory, on CUDA (OutOfMemoryError) or from the CPU allocator."""
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
