@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -94,9 +95,32 @@ def _snakemake(workdir: Path, config_file: Path, *extra: str, limit_s: int, env_
         "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", str(config_file),
         *TEST_OVERRIDES, *extra,
     ]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    # Its own process group (id = pid of `timeout`), so that an interrupted test can stop
+    # Snakemake, and the jobs it runs here, by that id: a SIGINT to pytest does not reach them.
+    with subprocess.Popen(command, cwd=REPO, env=env, text=True, start_new_session=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            stdout, stderr = proc.communicate()
+        except BaseException:
+            _interrupt_group(proc)
+            raise
+    done = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     assert done.returncode not in (124, 137), f"snakemake ran past {limit_s} s:\n" + _tail(done)
     return done
+
+
+def _interrupt_group(proc: subprocess.Popen) -> None:
+    """SIGINT lets Snakemake cancel its SLURM jobs; SIGKILL after 60 s if it has not ended."""
+    for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return  # the whole group has ended
+        try:
+            proc.communicate(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _tail(done, lines: int = 60) -> str:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fairlm.memory import current_rss_mb, is_oom, peak_memory_mb
+from fairlm.memory import current_rss_mb, is_oom, keep_freed_memory, peak_memory_mb
 from fairlm.stats import loglog_slope
 
 if TYPE_CHECKING:  # pandas is imported where used: each subprocess worker starts faster
@@ -257,6 +257,8 @@ def _measure_in_subprocess(spec, config, device, vocab_size, timeout_s) -> dict:
 
 def _worker() -> None:
     request = json.loads(sys.stdin.read())
+    if request["device"] == "cpu":
+        keep_freed_memory()
     threads = ((request["config"].get("train") or {}).get("threads"))
     if threads:
         torch.set_num_threads(int(threads))

@@ -32,3 +32,22 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and (
         "out of memory" in text or "can't allocate memory" in text
     )
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks instead of returning each large one to the kernel.
+
+    By default every freed tensor over 32 MB goes back to the OS and the next one page-faults
+    in again; at long sequence lengths that kernel time grows faster than the model's O(N)
+    compute and would bend a CPU scaling measurement. Returns whether glibc accepted it.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
+            libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc
+        return False

@@ -24,7 +24,7 @@ from fairlm import checkpoint
 from fairlm.config import shared_settings
 from fairlm.data import DataError, batch_starts, load_verified, windows
 from fairlm.io import atomic_path, sha256_bytes, sha256_json, write_json
-from fairlm.memory import is_oom, peak_memory_mb
+from fairlm.memory import is_oom, keep_freed_memory, peak_memory_mb
 from fairlm.models import build_model, kernel_description, parameter_counts
 from fairlm.provenance import system_info
 
@@ -241,6 +241,7 @@ def train(run_cfg: dict, data_dir, out_dir, checkpoint_dir, log=print) -> dict:
     batch_starts(seed, 1, len(train_ids), seq_len, 1)  # fails early when the split is too short
 
     device = resolve_device(train_cfg)
+    allocator_tuned = device.type == "cpu" and keep_freed_memory()
     if train_cfg["threads"]:
         torch.set_num_threads(train_cfg["threads"])
     if train_cfg["deterministic"] and device.type == "cuda":
@@ -397,6 +398,7 @@ def train(run_cfg: dict, data_dir, out_dir, checkpoint_dir, log=print) -> dict:
 
     system = system_info(kernel_description(model),
                          deterministic=bool(train_cfg["deterministic"]) or device.type == "cpu")
+    system["glibc_keeps_freed_memory"] = allocator_tuned
     write_json(out_dir / "config.json", recorded)
     write_json(out_dir / "system.json", system)
     metrics = pd.DataFrame(rows, columns=[
