@@ -1,5 +1,6 @@
 # Config resolution, the grid (model × seq_len × seed) and resources shared by every rule.
 import os
+import shlex
 import shutil
 import sys
 
@@ -40,6 +41,19 @@ def figure_paths():
     if config["bench"]["enabled"]:
         figures["scaling"] = "paper/figures/scaling.png"
     return figures
+
+
+def reproduce_command():
+    """The command that remakes the appendix with this config (stable across invocations, so
+    that it does not trigger a re-run as a parameter would if it held sys.argv)."""
+    words = ["snakemake", "paper/appendix.tex"]
+    files = [os.path.relpath(f) for f in workflow.overwrite_configfiles]
+    if files:
+        words += ["--configfile", *files]
+    overrides = workflow.config_settings.overwrite_config
+    if overrides:
+        words += ["--config", *(f"{k}={v}" for k, v in overrides.items())]
+    return shlex.join(words)
 
 
 def figure_captions():

@@ -1,5 +1,4 @@
 # Paper/appendix.tex from measured results only; the PDF wherever a LaTeX engine is installed.
-import shlex
 
 
 localrules:
@@ -29,7 +28,7 @@ rule appendix:
         figures=figure_captions(),
         allow_failed_checks=config["analysis"]["allow_failed_checks"],
         alpha=config["analysis"]["alpha"],
-        command=shlex.join(["snakemake", *sys.argv[1:]]),
+        command=reproduce_command(),
     conda:
         "../envs/analysis.yaml"
     script:

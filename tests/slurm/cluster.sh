@@ -19,7 +19,8 @@ readonly PACKAGES=(slurmctld slurmd slurm-client munge)
 readonly SKIP=77
 
 say() { echo "cluster.sh: $*" >&2; }
-skip() { say "unavailable: $*"; exit "$SKIP"; }
+# Undo what start did so far (at most creating /etc/slurm), then tell the caller to skip.
+skip() { say "unavailable: $*"; stop_cluster; exit "$SKIP"; }
 
 usage() { say "usage: $0 start|stop DIR"; exit 2; }
 [[ $# -eq 2 ]] || usage
@@ -135,6 +136,10 @@ start() {
   [[ ! -e $dir/started.pids ]] || { say "$dir already holds a cluster; stop it first"; exit 1; }
   mkdir -p "$dir"/{state/ctld,state/d,run,log}
   install_if_missing
+  if [[ ! -d /etc/slurm ]]; then
+    mkdir /etc/slurm
+    : >"$dir/etc_slurm.created"
+  fi
   # One test cluster at a time on this machine: hold a lock on /etc/slurm (nothing left
   # behind) from the port check until the daemons own the ports.
   exec 9</etc/slurm
@@ -201,6 +206,10 @@ stop_cluster() {
     mv "$dir/slurm.conf.found" "$CONF"
   elif [[ -e $dir/slurm.conf.created ]]; then
     rm -f "$CONF" "$dir/slurm.conf.created"
+  fi
+  if [[ -e $dir/etc_slurm.created ]]; then
+    rmdir /etc/slurm 2>/dev/null || say "left /etc/slurm: something else was put in it"
+    rm -f "$dir/etc_slurm.created"
   fi
 }
 
