@@ -372,17 +372,18 @@ def check_causality(
 # 4. honest outcomes
 
 
-def divergence_definition(train_cfg: dict) -> dict:
-    factor, window = train_cfg.get("spike_factor"), train_cfg.get("spike_window")
-    return {
-        "diverged": "the training loss or the global gradient norm (before clipping) is not "
-                    "finite (NaN or +-Inf); the run stops at that step with status DIVERGED",
-        "spike": f"a loss above {factor} x the median of the last {window} finite losses "
-                 "(counted, the run goes on)",
-        "oom": "running out of memory ends the run with status OOM, never counted as divergence",
-        "spike_factor": factor,
-        "spike_window": window,
-    }
+def divergence_definition(runs: list[Run], train_cfg: dict) -> dict:
+    """The rules training applied, as it recorded them in summary.json, with the spike settings.
+
+    Read from the runs rather than restated here, so that the appendix prints what was used.
+    """
+    recorded = next((r.summary["divergence_definition"] for r in runs
+                     if isinstance(r.summary.get("divergence_definition"), dict)), None)
+    definition = dict(recorded) if recorded else {
+        "diverged": "not recorded by the runs (they predate the recorded definition)"}
+    definition["spike_factor"] = train_cfg.get("spike_factor")
+    definition["spike_window"] = train_cfg.get("spike_window")
+    return definition
 
 
 def _row_at(run: Run, step) -> dict | None:
@@ -585,7 +586,7 @@ def run_audit(
     order = _model_order(runs, config)
     groups = _groups(runs, order)
     train_cfg = runs[0].config.get("train") or config.get("train", {})
-    definition = divergence_definition(train_cfg)
+    definition = divergence_definition(runs, train_cfg)
 
     checks = [
         check_identical_settings(groups, order),

@@ -73,13 +73,22 @@ _ESCAPES = {
 _SPECIAL = re.compile("|".join(re.escape(c) for c in _ESCAPES))
 
 
+# typographic characters our own texts use, as LaTeX (after the ASCII specials are escaped)
+_UNICODE = {
+    "±": r"$\pm$", "×": r"$\times$", "−": r"$-$", "≤": r"$\leq$", "≥": r"$\geq$",
+    "→": r"$\rightarrow$", "≈": r"$\approx$", "–": "--", "—": "---", "…": r"\ldots{}",
+    "α": r"$\alpha$", "β": r"$\beta$", "Δ": r"$\Delta$", "σ": r"$\sigma$", "μ": r"$\mu$",
+    "‘": "`", "’": "'", "“": "``", "”": "''", "\u00a0": "~",
+}
+
+
 def _printable(char: str) -> str:
     # pdflatex's utf8 input covers accented Latin letters; anything else would stop the build
     if char in "\n\r\t":
         return " "
     if ord(char) < 32:
         return ""
-    if ord(char) < 128 or (ord(char) < 0x250 and char.isalpha()):
+    if ord(char) < 128 or (ord(char) < 0x250 and char.isalpha()) or char in _UNICODE:
         return char
     return f"[U+{ord(char):04X}]"
 
@@ -89,7 +98,8 @@ def latex_escape(value) -> TeX:
     if isinstance(value, TeX):
         return value
     text = "".join(_printable(c) for c in str(value))
-    return TeX(_SPECIAL.sub(lambda m: _ESCAPES[m.group()], text))
+    text = _SPECIAL.sub(lambda m: _ESCAPES[m.group()], text)
+    return TeX("".join(_UNICODE.get(c, c) for c in text))
 
 
 def _missing(value) -> bool:
