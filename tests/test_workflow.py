@@ -182,3 +182,102 @@ def test_sigkill_then_rerun_incomplete_resumes_and_matches(tmp_path):
     timing = ["tokens_per_s", "peak_mem_mb", "elapsed_s"]
     pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing))
     assert not checkpoints.exists()
+
+
+@pytest.mark.slow
+def test_the_html_report_has_every_figure_with_its_caption(tiny_workflow, tmp_path):
+    work, _, recovered = tiny_workflow
+    assert recovered.returncode == 0
+    config = work / "cfg" / "config.yaml"
+    report = tmp_path / "report.html"
+    result = snakemake(work, "--report", str(report), "--configfile", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = report.read_text(errors="replace")
+    for name in ("loss_L16.png", "loss_L64.png", "summary.png"):
+        assert name in html
+    for caption in ("Training loss against optimiser step", "Final validation perplexity"):
+        assert caption in html
+
+
+@pytest.mark.slow
+def test_learning_rate_10_ends_runs_diverged_and_the_appendix_says_so(tmp_path):
+    config = write_config(tmp_path / "cfg", {
+        "grid": {"seq_lens": [16], "seeds": [1, 2]}, "train": {"lr": 10.0, "min_lr": 1.0}})
+    result = snakemake(tmp_path, "paper/appendix.tex", "--cores", "2", "--configfile",
+                       str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for model in ("resnet_bk", "mamba"):
+        for seed in (1, 2):
+            summary = yaml.safe_load(
+                (tmp_path / f"results/runs/{model}/L16/seed{seed}/summary.json").read_text())
+            assert summary["status"] == "DIVERGED" and summary["diverged_at_step"] >= 1
+    tex = (tmp_path / "paper/appendix.tex").read_text()
+    assert "ResNet-BK diverged in 2 of 2 seeds at 16 tokens" in tex
+    assert "Mamba diverged in 2 of 2 seeds" in tex
+
+
+def tamper_lr(run: Path):
+    path = run / "config.json"
+    config = yaml.safe_load(path.read_text())
+    config["train"]["lr"] *= 2
+    path.write_text(yaml.safe_dump(config))
+
+
+def tamper_data_order(run: Path):
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    metrics["batch_sha"] = metrics["batch_sha"].iloc[::-1].to_numpy()
+    metrics.to_parquet(run / "metrics.parquet", index=False)
+
+
+def tamper_oom_as_divergence(run: Path):
+    import json
+
+    path = run / "summary.json"
+    summary = json.loads(path.read_text())
+    summary.update(status="OOM", diverged_at_step=3, divergence_reason="out of memory")
+    path.write_text(json.dumps(summary))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tamper, check", [
+    (tamper_lr, "identical_settings"),
+    (tamper_data_order, "identical_data"),
+    (tamper_oom_as_divergence, "honest_outcomes"),
+])
+def test_planted_unfairness_stops_the_pipeline_before_the_appendix(
+        tiny_workflow, tmp_path, tamper, check):
+    import shutil
+
+    source, _, recovered = tiny_workflow
+    assert recovered.returncode == 0
+    work = tmp_path / "work"
+    shutil.copytree(source, work, symlinks=True)
+    tamper(work / "results/runs/mamba/L64/seed1")
+    config = write_config(work / "cfg")
+    result = snakemake(work, "paper/appendix.tex", "--cores", "1", "--configfile", str(config))
+    assert result.returncode != 0
+    log = (work / "logs/appendix.log").read_text()
+    assert "fairness audit failed" in log and f"{check}:" in log
+    assert not (work / "paper/appendix.tex").exists()
+    audit = yaml.safe_load((work / "results/audit/fairness.json").read_text())
+    assert check in audit["failed"]
+
+
+@pytest.mark.slow
+def test_a_non_causal_model_is_caught_and_an_allowed_failure_is_boxed(tmp_path):
+    overrides = {"grid": {"seq_lens": [16], "seeds": [1]}, "resnet_bk": {"causal": False}}
+    config = write_config(tmp_path / "cfg", overrides)
+    result = snakemake(tmp_path, "paper/appendix.tex", "--cores", "2", "--configfile",
+                       str(config))
+    assert result.returncode != 0
+    log = (tmp_path / "logs/appendix.log").read_text()
+    assert "fairness audit failed" in log and "causality:" in log
+    assert not (tmp_path / "paper/appendix.tex").exists()
+
+    overrides["analysis"] = {"allow_failed_checks": ["causality"]}
+    config = write_config(tmp_path / "cfg", overrides)
+    result = snakemake(tmp_path, "paper/appendix.tex", "--cores", "2", "--configfile",
+                       str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    tex = (tmp_path / "paper/appendix.tex").read_text()
+    assert "\\fbox" in tex and "causality" in tex.lower()

@@ -47,7 +47,9 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
-            libc.mallopt(m_trim_threshold, 2**31 - 1))
+        # the largest value mallopt takes: a 131,072-token logit tensor alone is over 1 GiB
+        largest = 2**31 - 1
+        return bool(libc.mallopt(m_mmap_threshold, largest)) and bool(
+            libc.mallopt(m_trim_threshold, largest))
     except (OSError, AttributeError):  # not glibc
         return False

@@ -396,8 +396,8 @@ def train(run_cfg: dict, data_dir, out_dir, checkpoint_dir, log=print) -> dict:
             evals[f"{prefix}_word_ppl"] = math.exp(nll / words)
     summary.update(evals)
 
-    system = system_info(kernel_description(model),
-                         deterministic=bool(train_cfg["deterministic"]) or device.type == "cpu")
+    system = system_info(kernel_description(model), deterministic=bool(train_cfg["deterministic"]))
+    system["device"] = str(device)
     system["glibc_keeps_freed_memory"] = allocator_tuned
     write_json(out_dir / "config.json", recorded)
     write_json(out_dir / "system.json", system)
