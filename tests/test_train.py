@@ -194,15 +194,15 @@ def test_out_of_memory_is_status_oom_not_divergence(tmp_path, tiny_data, monkeyp
 
     def build_that_runs_out(config, vocab_size):
         model = build(config, vocab_size)
-        forward, calls = model.forward, {"n": 0}
+        features, calls = model.features, {"n": 0}
 
-        def forward_oom(ids):
+        def features_oom(ids):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return forward(ids)
+            return features(ids)
 
-        model.forward = forward_oom
+        model.features = features_oom
         return model
 
     monkeypatch.setattr(resnet_bk, "build", build_that_runs_out)

@@ -170,7 +170,7 @@ def measure(spec: dict, config: dict, device: str, vocab_size: int) -> dict:
 
 
 def _make_step(spec: dict, config: dict, device: torch.device, vocab_size: int):
-    from fairlm.models import build_model, kernel_description
+    from fairlm.models import build_model, kernel_description, lm_loss
     from fairlm.models.bk_core import green_diagonal, green_diagonal_reference_loop
     from fairlm.models.resnet_bk import ResNetBKBlock, settings_from_config
 
@@ -184,15 +184,10 @@ def _make_step(spec: dict, config: dict, device: torch.device, vocab_size: int):
         run_cfg.setdefault("model", {}).update(d_model=spec["d_model"], n_layers=spec["n_layers"])
         model = build_model(spec["name"], run_cfg, vocab_size).to(device).train()
         ids = torch.randint(0, vocab_size, (batch, n + 1), generator=generator).to(device)
-        inputs, targets = ids[:, :-1], ids[:, 1:]
 
         def step():
             model.zero_grad(set_to_none=True)
-            logits = model(inputs)
-            loss = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
-            )
-            loss.backward()
+            lm_loss(model, ids).backward()  # the training loss, chunked head included
 
         return step, kernel_description(model)
 

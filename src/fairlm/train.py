@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import statistics
@@ -18,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from fairlm import checkpoint
 from fairlm.config import shared_settings
 from fairlm.data import DataError, batch_starts, load_verified, windows
 from fairlm.io import atomic_path, sha256_bytes, sha256_json, write_json
 from fairlm.memory import is_oom, keep_freed_memory, peak_memory_mb
-from fairlm.models import build_model, kernel_description, parameter_counts
+from fairlm.models import build_model, kernel_description, lm_loss, parameter_counts
 from fairlm.provenance import system_info
 
 COMPLETED, DIVERGED, OOM = "COMPLETED", "DIVERGED", "OOM"
@@ -205,11 +205,7 @@ def evaluate(model, ids: np.ndarray, seq_len: int, micro_batch: int, device, pre
             same = [s for s, ln in zip(group, lengths, strict=True) if ln == length]
             batch = torch.from_numpy(windows(ids, np.asarray(same), length)).to(device)
             with autocast_for(device, precision):
-                logits = model(batch[:, :-1])
-            nll = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                reduction="sum",
-            )
+                nll = lm_loss(model, batch, reduction="sum")
             total += float(nll)
             count += batch[:, 1:].numel()
     model.train()
@@ -245,8 +241,6 @@ def train(run_cfg: dict, data_dir, out_dir, checkpoint_dir, log=print) -> dict:
     if train_cfg["threads"]:
         torch.set_num_threads(train_cfg["threads"])
     if train_cfg["deterministic"] and device.type == "cuda":
-        import os
-
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -314,9 +308,7 @@ def train(run_cfg: dict, data_dir, out_dir, checkpoint_dir, log=print) -> dict:
                 for part in np.split(batch, accumulation):
                     tokens = torch.from_numpy(part).to(device)
                     with autocast_for(device, train_cfg["precision"]):
-                        logits = model(tokens[:, :-1])
-                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                           tokens[:, 1:].reshape(-1))
+                        loss = lm_loss(model, tokens)
                     scaler.scale(loss / accumulation).backward()
                     loss_sum += float(loss.detach())
                 scaler.unscale_(optimizer)

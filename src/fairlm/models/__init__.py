@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+from fairlm.ops.chunked_loss import linear_cross_entropy
 
 # name -> module path; imported lazily so that a model's heavy imports cost only its users
 REGISTRY: dict[str, str] = {
@@ -49,6 +53,21 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
             counted.add(id(module.weight))
             embedding += module.weight.numel()
     return {"total": total, "non_embedding": total - embedding}
+
+
+def lm_loss(model: nn.Module, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of `tokens` [B, N + 1] (float32), the same for every model.
+
+    Models with `features` and `output_weight` (both of ours) go through the chunked head, so
+    that the [B, N, V] logits never exist at once; others through their logits.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if hasattr(model, "features") and hasattr(model, "output_weight"):
+        return linear_cross_entropy(model.features(inputs), model.output_weight(), targets,
+                                    reduction=reduction)
+    logits = model(inputs)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           reduction=reduction)
 
 
 def kernel_description(model: nn.Module) -> str:

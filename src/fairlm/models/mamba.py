@@ -241,6 +241,13 @@ class MambaLM(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm(input_ids=ids, use_cache=False, return_dict=True).logits
 
+    def features(self, ids: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states [B, N, D] that the (bias-free, tied) head maps."""
+        return self.lm.backbone(input_ids=ids, use_cache=False, return_dict=True).last_hidden_state
+
+    def output_weight(self) -> torch.Tensor:
+        return self.lm.lm_head.weight
+
     def kernel_description(self) -> str:
         """The kernel(s) the last forward ran; before any forward, the one it would run."""
         ran = sorted({m.fairlm_last_kernel for m in self._mixers() if m.fairlm_last_kernel})

@@ -44,6 +44,14 @@ class LMShell(nn.Module):
         self.grad_checkpointing = bool(flag)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.features(ids) @ self.output_weight().t()
+
+    def output_weight(self) -> torch.Tensor:
+        """The LM head: tied, the logits reuse the token embedding matrix."""
+        return self.token_embedding.weight
+
+    def features(self, ids: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states [B, N, D] that the head maps to logits."""
         h = self.token_embedding(ids)
         if self.position_embedding is not None:
             n = ids.shape[-1]
@@ -58,8 +66,7 @@ class LMShell(nn.Module):
                 h = checkpoint(block, h, use_reentrant=False)
             else:
                 h = block(h)
-        # tied head: the logits reuse the token embedding matrix
-        return self.final_norm(h) @ self.token_embedding.weight.t()
+        return self.final_norm(h)
 
 
 def init_gpt2_(model: nn.Module, n_layers: int) -> None:
