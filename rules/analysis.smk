@@ -85,6 +85,7 @@ rule bench:
     resources:
         mem_mb=24000,
         runtime=120,
+        gpu=config["resources"]["gpus"],
     conda:
         "../envs/train.yaml"
     script:

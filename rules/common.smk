@@ -47,12 +47,12 @@ def reproduce_command():
     """The command that remakes the appendix with this config (stable across invocations, so
     that it does not trigger a re-run as a parameter would if it held sys.argv)."""
     words = ["snakemake", "paper/appendix.tex"]
-    files = [os.path.relpath(f) for f in workflow.overwrite_configfiles]
-    if files:
-        words += ["--configfile", *files]
+    configfiles = [os.path.relpath(f) for f in workflow.overwrite_configfiles]
+    if configfiles:
+        words.extend(["--configfile", *configfiles])
     overrides = workflow.config_settings.overwrite_config
     if overrides:
-        words += ["--config", *(f"{k}={v}" for k, v in overrides.items())]
+        words.extend(["--config", *(f"{k}={v}" for k, v in overrides.items())])
     return shlex.join(words)
 
 
@@ -63,7 +63,7 @@ def figure_captions():
         kind = label.split("_")[0]
         text = " ".join(open(workflow.source_path(f"../report/{kind}.rst")).read().split())
         if kind == "loss":
-            text = f"Sequence length {int(label[len('loss_L'):]):,} tokens. " + text
+            text = f"Sequence length {int(label[len('loss_L'):]):,} tokens. {text}"
         captions[label] = (path, text)
     return captions
 

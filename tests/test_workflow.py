@@ -217,10 +217,12 @@ def test_learning_rate_10_ends_runs_diverged_and_the_appendix_says_so(tmp_path):
 
 
 def tamper_lr(run: Path):
+    import json
+
     path = run / "config.json"
-    config = yaml.safe_load(path.read_text())
+    config = json.loads(path.read_text())
     config["train"]["lr"] *= 2
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(json.dumps(config))
 
 
 def tamper_data_order(run: Path):
