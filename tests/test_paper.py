@@ -245,13 +245,19 @@ def test_bench_section_is_defensive(tmp_path):
                   "seconds": [1.0, 2.0, 4.0, 1.0, 2.2, 4.9],
                   "peak_mem_mb": [10.0, 20.0, 40.0, 10, 21, 44], "status": "ok"}).to_csv(bench)
     bench_summary = tmp_path / "bench.json"
-    bench_summary.write_text(json.dumps({"core_speedup": 12.5, "target": {"speedup": 10},
-                                         "speedup_pass": True, "odd_key_%": "50%"}))
+    bench_summary.write_text(json.dumps({"checks": [
+        {"check": "core_speedup", "model": "resnet_bk", "value": 12.5, "target": ">= 20",
+         "pass": False, "note": "N=4096, 50% of the loop"},
+        {"check": "time_slope", "model": "mamba", "value": 1.02, "target": "<= 1.1",
+         "pass": True, "note": "fit"}], "system": {"cpu": "Some CPU", "cpu_count": 2}}))
     tex = render(inputs, bench_csv=bench, bench_summary_json=bench_summary)
     assert "A.5 Scaling benchmark" in tex
     assert "ResNet-BK: time slope 1.00" in tex
-    assert r"\texttt{core\_speedup} & 12.5" in tex and r"\textbf{pass}" in tex
-    assert r"odd\_key\_\%" in tex
+    assert "BK core vs the sequential loop (speed-up) & ResNet-BK & 12.5" in tex
+    assert r"\textbf{fail}" in tex and r"\textbf{pass}" in tex
+    assert r"50\% of the loop" in tex and r"\textgreater{}= 20" in tex
+    assert "Some CPU (2 cores)" in tex
+    assert "4{,}096" in tex  # every measurement is listed
     assert "Neither model diverged at 64 tokens." in tex
     assert "A.5" not in render(inputs)
 

@@ -594,6 +594,15 @@ def _audit(audit: dict, models: list[str]) -> dict:
     }
 
 
+BENCH_CHECKS = {
+    "time_slope": "log-log slope of step time",
+    "memory_slope": "log-log slope of peak memory",
+    "trains_at_longest": "trains at the longest length (peak MB)",
+    "core_speedup": "BK core vs the sequential loop (speed-up)",
+    "core_share": "BK core share of a layer's time",
+}
+
+
 def _bench(bench_csv, bench_summary_json) -> dict | None:
     if not bench_csv and not bench_summary_json:
         return None
@@ -618,19 +627,43 @@ def _bench(bench_csv, bench_summary_json) -> dict | None:
                         entry[column] = TeX("---")
                 slopes.append(entry)
     summary = _read_json(bench_summary_json) if bench_summary_json else {}
-    items = []
-    for key, value in flatten(summary if isinstance(summary, dict) else {"value": summary}).items():
-        if isinstance(value, bool):
-            shown = TeX(r"\textbf{pass}" if value and "pass" in key.lower() else
-                        r"\textbf{fail}" if "pass" in key.lower() else str(value).lower())
-        elif isinstance(value, int | float):
-            shown = fmt_num(value) if isinstance(value, float) else fmt_int(value)
-        elif isinstance(value, list):
-            shown = TeX(", ".join(_value_text(v) for v in value[:20]))
-        else:
-            shown = latex_escape(value)
-        items.append({"key": key, "value": shown})
-    return {"slopes": slopes, "entries": items}
+    summary = summary if isinstance(summary, dict) else {}
+    checks = [{"check": latex_escape(BENCH_CHECKS.get(c.get("check"), c.get("check", ""))),
+               "model": model_name(c.get("model", "")),
+               "value": _value_text(c.get("value")), "target": latex_escape(c.get("target", "")),
+               "passed": TeX(r"\textbf{pass}" if c.get("pass") else r"\textbf{fail}"),
+               "note": latex_escape(c.get("note", ""))}
+              for c in summary.get("checks", []) if isinstance(c, dict)]
+    measurements = []
+    size = None
+    if bench_csv and Path(bench_csv).exists():
+        table = pd.read_csv(bench_csv)
+        for row in table.to_dict("records"):
+            measurements.append({
+                "kind": latex_escape(row.get("kind", "")), "name": model_name(row.get("name", "")),
+                "seq_len": fmt_int(row.get("seq_len")), "batch": fmt_int(row.get("batch_size")),
+                "seconds": fmt_num(row.get("seconds")), "memory": fmt_num(row.get("peak_mem_mb")),
+                "tokens_per_s": fmt_int(row.get("tokens_per_s")),
+                "status": latex_escape(row.get("status", ""))})
+        models = table[table["kind"] == "model"] if "kind" in table else table.iloc[:0]
+        if len(models):
+            first = models.iloc[0]
+            size = {"d_model": fmt_int(first.get("d_model")),
+                    "n_layers": fmt_int(first.get("n_layers")),
+                    "batch": fmt_int(first.get("batch_size"))}
+    return {"slopes": slopes, "checks": checks, "measurements": measurements, "size": size,
+            "machine": _machine_text(summary.get("system") or {})}
+
+
+def _machine_text(system: dict) -> TeX | None:
+    """'<CPU> (<n> cores), <GPU names>, torch <version>' from a system.json-like dict."""
+    if not system:
+        return None
+    parts = [f"{system['cpu']} ({system.get('cpu_count')} cores)"] if system.get("cpu") else []
+    parts += [gpu.get("name", "GPU") for gpu in system.get("gpus") or []]
+    if system.get("torch"):
+        parts.append(f"torch {system['torch']}")
+    return latex_escape(", ".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------
