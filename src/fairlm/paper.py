@@ -630,7 +630,9 @@ def _bench(bench_csv, bench_summary_json) -> dict | None:
     summary = summary if isinstance(summary, dict) else {}
     checks = [{"check": latex_escape(BENCH_CHECKS.get(c.get("check"), c.get("check", ""))),
                "model": model_name(c.get("model", "")),
-               "value": _value_text(c.get("value")), "target": latex_escape(c.get("target", "")),
+               "value": fmt_num(c["value"]) if isinstance(c.get("value"), int | float)
+               else _value_text(c.get("value")),
+               "target": latex_escape(c.get("target", "")),
                "passed": TeX(r"\textbf{pass}" if c.get("pass") else r"\textbf{fail}"),
                "note": latex_escape(c.get("note", ""))}
               for c in summary.get("checks", []) if isinstance(c, dict)]
