@@ -57,6 +57,17 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def assert_same_model(model, reference, ids, logits_tol, grads_tol):
+    """Two builds with the same weights give the same logits, loss and every gradient."""
+    reference.load_state_dict(model.state_dict())
+    logits, loss, grads = loss_and_grads(model, ids)
+    logits_ref, loss_ref, grads_ref = loss_and_grads(reference, ids)
+    assert relative_error(logits, logits_ref) <= logits_tol
+    assert abs(loss.item() - loss_ref.item()) <= logits_tol * abs(loss_ref.item())
+    for name in grads_ref:
+        assert relative_error(grads[name], grads_ref[name]) <= grads_tol, name
+
+
 def scan_inputs(batch, d_inner, n_tokens, d_state, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, d_inner, n_tokens, generator=g, dtype=dtype)
@@ -157,30 +168,19 @@ def test_chunked_scan_is_causal_across_blocks():
 def test_model_chunked_equals_sequential():
     chunked = build(kernel="chunked")
     sequential = build(seed=99, kernel="sequential")
-    sequential.load_state_dict(chunked.state_dict())
     ids = torch.randint(0, VOCAB, (2, 96), generator=torch.Generator().manual_seed(5))
-    logits, loss, grads = loss_and_grads(chunked, ids)
-    logits_ref, loss_ref, grads_ref = loss_and_grads(sequential, ids)
+    assert_same_model(chunked, sequential, ids, 1e-4, 1e-4)
     assert chunked.kernel_description() == KERNEL_CHUNKED_CPU
     assert sequential.kernel_description() == KERNEL_SEQUENTIAL
-    assert relative_error(logits, logits_ref) <= 1e-4
-    assert abs(loss.item() - loss_ref.item()) <= 1e-4 * abs(loss_ref.item())
-    for name in grads_ref:
-        assert relative_error(grads[name], grads_ref[name]) <= 1e-4, name
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mambapy") is None, reason="mambapy is not installed")
 def test_model_chunked_equals_mambapy():
     chunked = build(kernel="chunked")
     mambapy = build(seed=99, kernel="mambapy")
-    mambapy.load_state_dict(chunked.state_dict())
     ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(6))
-    logits, loss, grads = loss_and_grads(chunked, ids)
-    logits_ref, loss_ref, grads_ref = loss_and_grads(mambapy, ids)
+    assert_same_model(chunked, mambapy, ids, 1e-4, 1e-4)
     assert mambapy.kernel_description() == KERNEL_MAMBAPY
-    assert relative_error(logits, logits_ref) <= 1e-4
-    for name in grads_ref:
-        assert relative_error(grads[name], grads_ref[name]) <= 1e-4, name
 
 
 def test_auto_on_cpu_runs_the_chunked_scan_and_is_causal():
@@ -219,14 +219,9 @@ def test_cuda_kernels_match_torch_path():
         pytest.skip("mamba-ssm (with causal-conv1d) is not installed: pip install fairlm[cuda]")
     cuda_model = build(d_model=64, kernel="cuda").cuda()
     torch_model = build(seed=99, d_model=64, kernel="chunked").cuda()
-    torch_model.load_state_dict(cuda_model.state_dict())
     ids = torch.randint(0, VOCAB, (2, 512), generator=torch.Generator().manual_seed(9)).cuda()
-    logits, loss, grads = loss_and_grads(cuda_model, ids)
-    logits_ref, loss_ref, grads_ref = loss_and_grads(torch_model, ids)
+    assert_same_model(cuda_model, torch_model, ids, 1e-3, 1e-2)
     assert cuda_model.kernel_description() == KERNEL_CUDA
-    assert relative_error(logits, logits_ref) <= 1e-3
-    for name in grads_ref:
-        assert relative_error(grads[name], grads_ref[name]) <= 1e-2, name
 
 
 # --- parameter matching --------------------------------------------------------------------------
