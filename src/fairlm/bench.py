@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fairlm.config import section
 from fairlm.memory import current_rss_mb, is_oom, keep_freed_memory, peak_memory_mb
 from fairlm.stats import loglog_slope
 
@@ -47,15 +48,10 @@ TARGETS = {
     "core_speedup": 20.0,  # at least
     "core_share": 0.10,  # at most
 }
-DEFAULT_BENCH = {
-    "seq_lens": [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072],
-    "d_model": 64, "n_layers": 2, "batch_size": 1, "repeats": 3,
-    "core_seq_len": 32768, "core_batch_size": 8, "share_d_model": 512,
-}
 
 
 def bench_settings(config: dict) -> dict:
-    return {**DEFAULT_BENCH, **(config.get("bench") or {})}
+    return section(config, "bench")
 
 
 def plan(config: dict) -> list[dict]:
@@ -104,7 +100,7 @@ def run_scaling_benchmark(
     if isolate is None:
         isolate = device == "cpu"
     if vocab_size is None:
-        vocab_size = int(config["bench"].get("vocab_size") or config["data"]["vocab_size"])
+        vocab_size = bench_settings(config)["vocab_size"]
     rows = []
     out_of_memory_at: dict[str, int] = {}
     for spec in plan(config):

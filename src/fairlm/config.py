@@ -8,6 +8,7 @@ raises `ConfigError` naming the offending key before any job runs.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import jsonschema
@@ -23,6 +24,21 @@ class ConfigError(ValueError):
 def load_schema(path: str | Path | None = None) -> dict:
     with open(path or SCHEMA_PATH) as handle:
         return yaml.safe_load(handle)
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    defaults: dict = {}
+    _fill_defaults(defaults, load_schema())
+    return defaults
+
+
+def section(config: dict, name: str) -> dict:
+    """config[name], with the schema's default for every key it leaves out.
+
+    For callers handed a partial config (benchmarks, tests); resolved configs are complete.
+    """
+    return {**copy.deepcopy(_defaults()[name]), **(config.get(name) or {})}
 
 
 def _fill_defaults(instance: dict, schema: dict) -> None:

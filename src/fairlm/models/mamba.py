@@ -21,6 +21,7 @@ from torch import nn
 from transformers import MambaConfig, MambaForCausalLM
 from transformers.models.mamba.modeling_mamba import MambaMixer, apply_mask_to_padding_states
 
+from fairlm.config import section
 from fairlm.ops.selective_scan import selective_scan_chunked
 
 KERNEL_CUDA = "mamba-ssm CUDA kernels"
@@ -31,15 +32,6 @@ KERNEL_SEQUENTIAL = "sequential"
 
 KERNEL_SETTINGS = ("auto", "cuda", "chunked", "mambapy", "sequential")
 MATCH_TOLERANCE = 0.05
-MAMBA_DEFAULTS = {
-    "d_state": 16,
-    "d_conv": 4,
-    "expand": 2,
-    "dt_min": 1e-3,
-    "dt_max": 0.1,
-    "kernel": "auto",
-    "match_params": False,
-}
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,7 +53,7 @@ def mambapy_available() -> bool:
 
 
 def mamba_settings(config: dict) -> dict:
-    return {**MAMBA_DEFAULTS, **config.get("mamba", {})}
+    return section(config, "mamba")
 
 
 def dt_rank(d_model: int) -> int:

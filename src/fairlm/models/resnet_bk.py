@@ -16,20 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fairlm.config import section
 from fairlm.models.bk_core import green_diagonal
 from fairlm.models.shell import LMShell
-
-DEFAULTS = {
-    "causal": True,
-    "n_experts": 4,
-    "expert_mult": 2,
-    "dropout": 0.0,
-    "potential_clamp": 3.0,
-    "z_imag": 1.0,
-    "bk_heads": 1,
-    "bk_scale_init": 1.0,
-    "position_embedding": False,
-}
 
 
 class Expert(nn.Module):
@@ -144,9 +133,7 @@ class ResNetBK(LMShell):
 
 
 def settings_from_config(config: dict) -> dict:
-    settings = dict(DEFAULTS)
-    settings.update(config.get("resnet_bk") or {})
-    return settings
+    return section(config, "resnet_bk")
 
 
 def build(config: dict, vocab_size: int) -> ResNetBK:
