@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from fairlm.io import write_text
+from fairlm.io import read_json_if_exists, write_text
 
 if TYPE_CHECKING:  # torch loads only for the causality check: the paper imports this module
     from torch import nn
@@ -68,14 +68,10 @@ class Run:
         return f"{self.model}/L{self.seq_len}/seed{self.seed}"
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def load_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
-    config = _read_json(path / "config.json")
-    summary = _read_json(path / "summary.json")
+    config = read_json_if_exists(path / "config.json")
+    summary = read_json_if_exists(path / "summary.json")
     if not config and not summary:
         raise FileNotFoundError(f"{path}: neither config.json nor summary.json exists")
     section = config.get("run", {})
@@ -578,7 +574,7 @@ def run_audit(
     runs = [load_run(d) for d in run_dirs]
     if not runs:
         raise ValueError("the audit needs at least one run folder")
-    meta = _read_json(Path(meta_path))
+    meta = read_json_if_exists(Path(meta_path))
     analysis = config.get("analysis", {})
     tolerance = float(analysis.get("causality_tolerance", 1e-6))
     probe_len = int(analysis.get("causality_seq_len", 64))

@@ -41,6 +41,11 @@ def read_json(path: str | os.PathLike):
     return json.loads(Path(path).read_text())
 
 
+def read_json_if_exists(path: str | os.PathLike | None) -> dict:
+    """The JSON object at `path`, or {} where there is no such file (an optional input)."""
+    return read_json(path) if path and Path(path).exists() else {}
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

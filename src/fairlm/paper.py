@@ -29,7 +29,7 @@ import jinja2
 import pandas as pd
 
 from fairlm.audit import AuditFailure, enforce, flatten  # noqa: F401  (re-exported for callers)
-from fairlm.io import write_text
+from fairlm.io import read_json_if_exists, write_text
 
 PAPER_DIR = Path(__file__).resolve().parents[2] / "paper"
 TEMPLATE = PAPER_DIR / "templates" / "appendix.tex.j2"
@@ -195,20 +195,16 @@ def _plural(count: int, word: str) -> str:
 # Reading results
 
 
-def _read_json(path) -> dict:
-    return json.loads(Path(path).read_text()) if path and Path(path).exists() else {}
-
-
 def _read_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
     runs = []
     for run_dir in run_dirs:
         path = Path(run_dir)
-        config = _read_json(path / "config.json")
-        summary = _read_json(path / "summary.json")
+        config = read_json_if_exists(path / "config.json")
+        summary = read_json_if_exists(path / "summary.json")
         section = config.get("run", {})
         runs.append({
             "path": path, "config": config, "summary": summary,
-            "system": _read_json(path / "system.json"),
+            "system": read_json_if_exists(path / "system.json"),
             "model": section.get("model", summary.get("model")),
             "seq_len": int(section.get("seq_len", summary.get("seq_len"))),
             "seed": int(section.get("seed", summary.get("seed"))),
@@ -626,7 +622,7 @@ def _bench(bench_csv, bench_summary_json) -> dict | None:
                     else:
                         entry[column] = TeX("---")
                 slopes.append(entry)
-    summary = _read_json(bench_summary_json) if bench_summary_json else {}
+    summary = read_json_if_exists(bench_summary_json) if bench_summary_json else {}
     summary = summary if isinstance(summary, dict) else {}
     checks = [{"check": latex_escape(BENCH_CHECKS.get(c.get("check"), c.get("check", ""))),
                "model": model_name(c.get("model", "")),
@@ -732,7 +728,7 @@ def render_appendix(
     maps a label to a path (absolute, relative to the working folder, or relative to the
     folder of `out_tex`), or to (path, caption).
     """
-    audit = _read_json(audit_json)
+    audit = read_json_if_exists(audit_json)
     if not audit.get("checks"):
         raise ValueError(f"{audit_json}: no audit checks")
     allowed = list(audit.get("allow_failed_checks", []) if allow_failed_checks is None
@@ -742,7 +738,7 @@ def render_appendix(
     summary = pd.read_csv(summary_csv)
     tests = pd.read_csv(tests_csv) if Path(tests_csv).exists() else pd.DataFrame()
     _check_alpha(tests, alpha)
-    meta = _read_json(meta_json)
+    meta = read_json_if_exists(meta_json)
     runs = _read_runs(run_dirs)
     models = _model_order(list(summary.get("model", [])), [r["model"] for r in runs],
                           audit.get("models", []))

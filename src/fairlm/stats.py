@@ -12,7 +12,6 @@ reads files and tables, never models. Two rules run through every function here:
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from fairlm.io import atomic_path
+from fairlm.io import atomic_path, read_json, read_json_if_exists
 
 COMPLETED, DIVERGED, OOM = "COMPLETED", "DIVERGED", "OOM"
 RUN_KEYS = ["model", "seq_len", "seed"]
@@ -32,11 +31,8 @@ GROUP_KEYS = ["model", "seq_len"]
 
 
 def _read_summary(run_dir: Path) -> dict:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    config_path = run_dir / "config.json"
-    run_section = {}
-    if config_path.exists():
-        run_section = json.loads(config_path.read_text()).get("run", {})
+    summary = read_json(run_dir / "summary.json")
+    run_section = read_json_if_exists(run_dir / "config.json").get("run", {})
     # The summary is the primary record; config.json fills in what an older summary lacks.
     for key in RUN_KEYS:
         if summary.get(key) is None and key in run_section:
