@@ -10,8 +10,9 @@ import torch
 
 def peak_memory_mb(device: torch.device | str) -> float:
     """Peak since the last reset on CUDA; the process's high-water mark (RSS) on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
